@@ -1,0 +1,44 @@
+# spotforge: one entry point for people and CI. `make test` on a fresh clone sets everything up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CDK := node_modules/.bin/cdk
+export CDK_DISABLE_CLI_TELEMETRY := true
+export CDK_DISABLE_VERSION_CHECK := true
+export JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION := 1
+
+.PHONY: setup synth test lint bench deploy destroy clean
+
+setup: $(VENV)/.installed node_modules/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+synth: setup
+	$(CDK) synth --quiet --no-notices $(CDK_ARGS)
+	@echo "template: $(CURDIR)/cdk.out/$$($(PY) -c 'import json;print(json.load(open("cdk.json"))["context"].get("stackName","spotforge"))').template.json"
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	shellcheck userdata/*.sh .ci/run
+	$(PY) -m vermin --no-tips --violations -t=3.9- userdata/agent
+
+deploy: setup
+	$(CDK) deploy --require-approval broadening $(CDK_ARGS)
+
+destroy: setup
+	$(CDK) destroy $(CDK_ARGS)
+
+clean:
+	rm -rf cdk.out .pytest_cache .ruff_cache
