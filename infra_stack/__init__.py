@@ -1,0 +1,1 @@
+"""The spotforge CDK app: one construct per concern, wired together by SpotforgeStack."""
