@@ -52,6 +52,7 @@ class SpotforgeConfig:
     proactive_rebalance: bool = False
     health_failure_threshold: int = 3
     snapshot_retention_days: int = 7
+    powertools_layer_version: str = "latest"
 
     @property
     def has_domain(self) -> bool:
@@ -185,6 +186,10 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "proactive_rebalance": _bool,
     "health_failure_threshold": _int_between(1, 30),
     "snapshot_retention_days": _int_between(1, 90),
+    "powertools_layer_version": _required_str(
+        lambda s: s == "latest" or bool(re.match(r"^3\.\d+\.\d+$", s)),
+        "latest or a Powertools 3.x version such as 3.37.0",
+    ),
 }
 
 # Context keys that belong to the CDK itself (feature flags, CLI bookkeeping), not to spotforge.

@@ -10,9 +10,11 @@ from constructs import Construct
 from infra_stack.alerts import Alerts
 from infra_stack.backups import Backups
 from infra_stack.config import SpotforgeConfig
+from infra_stack.controller import Controller, ControllerInputs
 from infra_stack.data import DataVolume, PublicAddress
 from infra_stack.network import Network
 from infra_stack.node import NodeTemplate
+from infra_stack.observability import Observability
 
 STACK_TAG = "spotforge:stack"
 
@@ -46,6 +48,26 @@ class SpotforgeStack(Stack):
             volume_id=self.data.volume.volume_id,
             allocation_id=self.address.allocation_id,
             public_ip=self.address.public_ip,
+        )
+        self.controller = Controller(
+            self,
+            "Controller",
+            config=config,
+            inputs=ControllerInputs(
+                vpc=self.network.vpc,
+                spot_template=self.node_template.spot_template,
+                on_demand_template=self.node_template.on_demand_template,
+                node_role=self.node_template.role,
+                volume_id=self.data.volume.volume_id,
+                allocation_id=self.address.allocation_id,
+                bucket_name=self.backups.bucket.bucket_name,
+                bucket_arn=self.backups.bucket.bucket_arn,
+                topic_arn=self.alerts.topic.topic_arn,
+                topic_key_arn=self.alerts.key.key_arn,
+            ),
+        )
+        self.observability = Observability(
+            self, "Observability", config=config, topic=self.alerts.topic, functions=self.controller.functions
         )
         self._outputs()
 

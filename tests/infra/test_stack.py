@@ -294,6 +294,7 @@ def test_cfn_lint_finds_no_error_or_warning(synth) -> None:
         [str(Path(sys.executable).with_name("cfn-lint")), "--format", "parseable", *paths],
         capture_output=True,
         text=True,
+        cwd=Path(__file__).resolve().parents[2],  # picks up .cfnlintrc.yaml and its justified ignores
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == ""
