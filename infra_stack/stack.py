@@ -12,6 +12,7 @@ from infra_stack.backups import Backups
 from infra_stack.config import SpotforgeConfig
 from infra_stack.controller import Controller, ControllerInputs
 from infra_stack.data import DataVolume, PublicAddress
+from infra_stack.fis import SpotInterruptionDrill
 from infra_stack.network import Network
 from infra_stack.node import NodeTemplate
 from infra_stack.observability import Observability
@@ -69,6 +70,7 @@ class SpotforgeStack(Stack):
         self.observability = Observability(
             self, "Observability", config=config, topic=self.alerts.topic, functions=self.controller.functions
         )
+        self.drill = SpotInterruptionDrill(self, "Drill", config=config)
         self._outputs()
 
     def _outputs(self) -> None:

@@ -298,3 +298,27 @@ def test_cfn_lint_finds_no_error_or_warning(synth) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == ""
+
+
+def test_spot_drill_interrupts_only_running_nodes_of_this_stack(synth) -> None:
+    synth().template.has_resource_properties(
+        "AWS::FIS::ExperimentTemplate",
+        {
+            "Targets": {
+                "node": {
+                    "ResourceType": "aws:ec2:spot-instance",
+                    "ResourceTags": {"spotforge:stack": "spotforge", "spotforge:role": "node"},
+                    "Filters": [{"Path": "State.Name", "Values": ["running"]}],
+                    "SelectionMode": "ALL",
+                }
+            },
+            "Actions": {
+                "interrupt": Match.object_like(
+                    {
+                        "ActionId": "aws:ec2:send-spot-instance-interruptions",
+                        "Parameters": {"durationBeforeInterruption": "PT2M"},
+                    }
+                )
+            },
+        },
+    )
