@@ -34,7 +34,7 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	shellcheck userdata/*.sh .ci/run
+	shellcheck -x userdata/*.sh userdata/lib/*.sh userdata/bin/spotforge-agent .ci/run
 	$(PY) -m vermin --no-tips --violations -t=3.9- userdata/agent
 
 deploy: setup
