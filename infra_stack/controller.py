@@ -62,6 +62,8 @@ class Controller(Construct):
             point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
                 point_in_time_recovery_enabled=True
             ),
+            # Dedupe markers and expired leases carry expires_at (epoch seconds): DynamoDB removes them.
+            time_to_live_attribute="expires_at",
             # Lease, recovery record and health streak: all rebuilt from AWS state when lost.
             removal_policy=RemovalPolicy.DESTROY,
         )
@@ -78,8 +80,10 @@ class Controller(Construct):
         )
         environment = {**self._environment(config, inputs), "STATE_TABLE": self.table.table_name}
 
+        # Every function ends in the reconciler (the rebalance handler too: snapshot, optional
+        # handoff), so they share one role; the lifecycle's extra power is terminate, which the
+        # reconciler needs as well.
         self.reconcile_role = self._reconcile_role(config, inputs)
-        self.rebalance_role = self._rebalance_role(config, inputs)
 
         def function(name: str, module: str, timeout: int, role: iam.IRole, doc: str) -> lambda_.Function:
             log_group = logs.LogGroup(
@@ -122,8 +126,8 @@ class Controller(Construct):
         self.rebalance_fn = function(
             "Rebalance",
             "rebalance",
-            120,
-            self.rebalance_role,
+            200,
+            self.reconcile_role,
             "Rebalance recommendation: snapshot now, notify",
         )
         self.reconcile_fn = function(
@@ -150,8 +154,11 @@ class Controller(Construct):
             self.health_fn,
             self.lifecycle_fn,
         )
-        self._rules()
-        self._lifecycle(inputs)
+        lifecycle = self._lifecycle(inputs)
+        # Rules come after the first reconcile and go before the destroy-time cleanup, so no event
+        # can relaunch a node while the stack is being deleted.
+        for rule in self._rules():
+            rule.node.add_dependency(lifecycle)
 
     @staticmethod
     def _environment(config: SpotforgeConfig, inputs: ControllerInputs) -> dict[str, str]:
@@ -215,6 +222,7 @@ class Controller(Construct):
                     "ec2:DescribeLaunchTemplateVersions",
                     "ec2:DescribeSubnets",
                     "ec2:DescribeInstanceStatus",
+                    "ec2:DescribeSnapshots",
                     "ssm:GetCommandInvocation",
                     "ssm:ListCommandInvocations",
                     "ssm:DescribeInstanceInformation",
@@ -274,6 +282,31 @@ class Controller(Construct):
                 conditions=ours,
             ),
             iam.PolicyStatement(
+                sid="SnapshotOnRebalance",
+                actions=["ec2:CreateSnapshot"],
+                resources=[
+                    self._arn("ec2", f"volume/{inputs.volume_id}"),
+                    f"arn:{Aws.PARTITION}:ec2:{Aws.REGION}::snapshot/*",
+                ],
+            ),
+            iam.PolicyStatement(
+                sid="TagNewSnapshot",
+                actions=["ec2:CreateTags"],
+                resources=[f"arn:{Aws.PARTITION}:ec2:{Aws.REGION}::snapshot/*"],
+                conditions={"StringEquals": {"ec2:CreateAction": "CreateSnapshot"}},
+            ),
+            iam.PolicyStatement(
+                sid="PruneOurRebalanceSnapshots",
+                actions=["ec2:DeleteSnapshot"],
+                resources=[f"arn:{Aws.PARTITION}:ec2:{Aws.REGION}::snapshot/*"],
+                conditions={
+                    "StringLike": {
+                        f"aws:ResourceTag/{STACK_TAG}": config.stack_name,
+                        "aws:ResourceTag/spotforge:rebalance-of": "i-*",
+                    }
+                },
+            ),
+            iam.PolicyStatement(
                 sid="PassNodeRole",
                 actions=["iam:PassRole"],
                 resources=[inputs.node_role.role_arn],
@@ -318,58 +351,6 @@ class Controller(Construct):
         self._acknowledge_scoped_wildcards(role)
         return role
 
-    def _rebalance_role(self, config: SpotforgeConfig, inputs: ControllerInputs) -> iam.IRole:
-        if config.proactive_rebalance:
-            # A proactive handoff is a full reconcile: same permissions as the reconciler.
-            return self.reconcile_role
-        role = iam.Role(
-            self,
-            "RebalanceRole",
-            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
-            description="spotforge rebalance: ask our node for a backup now, notify",
-        )
-        role.add_to_policy(
-            iam.PolicyStatement(
-                sid="Observe",
-                actions=["ec2:DescribeInstances", "ssm:GetCommandInvocation", "ssm:ListCommandInvocations"],
-                resources=["*"],
-            )
-        )
-        role.add_to_policy(
-            iam.PolicyStatement(
-                sid="RunAgentOnOurNodes",
-                actions=["ssm:SendCommand"],
-                resources=[self._arn("ec2", "instance/*")],
-                conditions={"StringEquals": {f"ssm:resourceTag/{STACK_TAG}": config.stack_name}},
-            )
-        )
-        role.add_to_policy(
-            iam.PolicyStatement(
-                sid="RunShellDocument",
-                actions=["ssm:SendCommand"],
-                resources=[f"arn:{Aws.PARTITION}:ssm:{Aws.REGION}::document/AWS-RunShellScript"],
-            )
-        )
-        role.add_to_policy(
-            iam.PolicyStatement(
-                sid="State",
-                actions=["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"],
-                resources=[self.table.table_arn],
-            )
-        )
-        role.add_to_policy(
-            iam.PolicyStatement(sid="Notify", actions=["sns:Publish"], resources=[inputs.topic_arn])
-        )
-        role.add_to_policy(
-            iam.PolicyStatement(
-                sid="NotifyEncrypted",
-                actions=["kms:GenerateDataKey*", "kms:Decrypt"],
-                resources=[inputs.topic_key_arn],
-            )
-        )
-        self._acknowledge_scoped_wildcards(role)
-        return role
-
     def _acknowledge_scoped_wildcards(self, role: iam.Role) -> None:
         reasons = {
             "Resource::*": "Describe*, GetCommandInvocation and ListCommandInvocations support no resource-level "
@@ -392,14 +373,20 @@ class Controller(Construct):
             "spot request RunInstances creates for a spot node.",
             "Resource::arn:<AWS::Partition>:ec2:<AWS::Region>::image/*": "The AMI comes from the AWS public SSM "
             "parameter in the launch template.",
+            "Resource::arn:<AWS::Partition>:ec2:<AWS::Region>::snapshot/*": "Snapshot ids are new at creation; "
+            "deletion is limited to this stack's rebalance snapshots by tag.",
         }
         for finding, reason in reasons.items():
             acknowledge(role, f"AwsSolutions-IAM5[{finding}]", reason)
 
-    def _rules(self) -> None:
+    def _rules(self) -> list[events.Rule]:
+        rules: list[events.Rule] = []
+
         def rule(name: str, pattern: events.EventPattern, fn: lambda_.IFunction, doc: str) -> None:
-            events.Rule(
-                self, name, event_pattern=pattern, targets=[targets.LambdaFunction(fn)], description=doc
+            rules.append(
+                events.Rule(
+                    self, name, event_pattern=pattern, targets=[targets.LambdaFunction(fn)], description=doc
+                )
             )
 
         rule(
@@ -434,15 +421,18 @@ class Controller(Construct):
             ("ReconcileSchedule", self.reconcile_fn, "Finish any step left half done"),
             ("HealthSchedule", self.health_fn, "GET /api/healthz on the public endpoint"),
         ):
-            events.Rule(
-                self,
-                name,
-                schedule=events.Schedule.rate(Duration.minutes(1)),
-                targets=[targets.LambdaFunction(fn, retry_attempts=0)],
-                description=doc,
+            rules.append(
+                events.Rule(
+                    self,
+                    name,
+                    schedule=events.Schedule.rate(Duration.minutes(1)),
+                    targets=[targets.LambdaFunction(fn, retry_attempts=0)],
+                    description=doc,
+                )
             )
+        return rules
 
-    def _lifecycle(self, inputs: ControllerInputs) -> None:
+    def _lifecycle(self, inputs: ControllerInputs) -> CustomResource:
         provider = cr.Provider(self, "LifecycleProvider", on_event_handler=self.lifecycle_fn)
         resource = CustomResource(
             self,
@@ -456,10 +446,11 @@ class Controller(Construct):
                 "OnDemandTemplateVersion": inputs.on_demand_template.latest_version_number,
             },
         )
-        # Created last and deleted first: on destroy, nodes are gone before the network is.
+        # Created after the network and the controller, deleted before them: on destroy, nodes are
+        # gone before the subnets and the functions that would notice their loss.
         resource.node.add_dependency(inputs.vpc)
         for child in self.node.children:
-            if child is not resource and isinstance(child, Construct):
+            if child is not resource and child is not provider:
                 resource.node.add_dependency(child)
         acknowledge(
             provider,
@@ -476,3 +467,4 @@ class Controller(Construct):
             f"AwsSolutions-IAM5[Resource::<{Stack.of(self).get_logical_id(self.lifecycle_fn.node.default_child)}.Arn>:*]",
             "The Provider framework invokes any version of the lifecycle function.",
         )
+        return resource

@@ -119,10 +119,23 @@ def test_mutating_ec2_calls_are_limited_to_resources_tagged_with_the_stack(synth
         assert all(a.split(":")[1].startswith(("Describe", "Get", "List")) for a in actions), actions
 
 
-def test_rebalance_function_cannot_launch_or_terminate(synth) -> None:
-    actions = json.dumps(_statements(synth(), "RebalanceRole"))
-    assert "ec2:RunInstances" not in actions and "ec2:TerminateInstances" not in actions
-    assert "ssm:SendCommand" in actions
+def test_rebalance_snapshots_can_be_pruned_only_when_tagged_as_ours(synth) -> None:
+    statements = _statements(synth(), "ReconcileRole")
+    (prune,) = [s for s in statements if s.get("Sid") == "PruneOurRebalanceSnapshots"]
+    assert prune["Action"] == "ec2:DeleteSnapshot"
+    assert prune["Condition"] == {
+        "StringLike": {
+            "aws:ResourceTag/spotforge:stack": "spotforge",
+            "aws:ResourceTag/spotforge:rebalance-of": "i-*",
+        }
+    }
+
+
+def test_rules_are_deleted_before_the_destroy_cleanup_runs(synth) -> None:
+    result = synth()
+    (lifecycle_id,) = _of_type(result, "Custom::SpotforgeLifecycle")
+    for rule in _of_type(result, "AWS::Events::Rule").values():
+        assert lifecycle_id in rule.get("DependsOn", [])
 
 
 def test_lifecycle_custom_resource_follows_the_launch_template_versions(synth) -> None:
