@@ -11,7 +11,7 @@ export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
 export CDK_DISABLE_VERSION_CHECK := true
 export JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION := 1
 
-.PHONY: setup synth test lint bench deploy destroy clean
+.PHONY: setup synth drill test lint bench deploy destroy clean
 
 setup: $(VENV)/.installed node_modules/.installed
 
@@ -27,6 +27,15 @@ node_modules/.installed: package.json package-lock.json
 synth: setup
 	$(CDK) synth --quiet --no-notices $(CDK_ARGS)
 	@echo "template: $(CURDIR)/cdk.out/$$($(PY) -c 'import json;print(json.load(open("cdk.json"))["context"].get("stackName","spotforge"))').template.json"
+
+# The offline recovery drill: the real controller and node agent against the strict emulator.
+drill: setup
+	$(PY) -m drill $(DRILL_ARGS)
+
+# Benchmarks (not tests): handler import time and asset size; SQLite snapshot speed.
+bench: setup
+	$(PY) bench/lambda_bench.py
+	$(PY) bench/snapshot_bench.py $(BENCH_ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

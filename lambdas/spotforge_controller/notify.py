@@ -115,9 +115,9 @@ def compose(happening: HappeningLike, settings: NotifySettings) -> Message:
         headline = "No EC2 capacity for a new node"
         if settings.on_demand_fallback:
             todo = (
-                "Nothing for now: the controller keeps trying spot and on-demand every minute, "
-                "and moves to another Availability Zone if this one stays empty. If this repeats, "
-                "allow more arm64 instance types."
+                "Nothing for now: the controller keeps trying spot and on-demand in the data volume's "
+                "Availability Zone every two minutes. If this repeats, allow more arm64 instance types "
+                "with -c instanceTypes=... and run cdk deploy."
             )
         else:
             todo = (
@@ -151,7 +151,8 @@ def compose(happening: HappeningLike, settings: NotifySettings) -> Message:
         headline = "Final backup on the old node failed"
         todo = (
             "The controller moved on without a clean drain. Data since the last backup is on the "
-            "volume and moves with it; check the new node's status with the operator CLI."
+            "volume and moves with it; check the new node with "
+            "`spotforge-agent status` (SSM Session Manager or Run Command)."
         )
     elif kind == "certificate-expiring":
         days = _number(data.get("days_left"))
