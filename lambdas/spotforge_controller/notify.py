@@ -84,7 +84,15 @@ def compose(happening: HappeningLike, settings: NotifySettings) -> Message:
     downtime = _number(data.get("downtime_seconds"))
     cause_text = describe_cause(data.get("cause"))
 
-    if kind == "recovery-complete":
+    first_start = (
+        kind == "recovery-complete" and data.get("cause") == "no-node" and not data.get("old_instance_id")
+    )
+    if first_start:
+        # Nothing was lost: the first node of a fresh deploy (or after every node was removed).
+        headline = "Forgejo is up: a node is serving"
+        todo = "Nothing. The stack output AdminPasswordCommand prints the forgejo-admin password."
+        downtime = None
+    elif kind == "recovery-complete":
         headline = f"Forgejo recovered after {_short_cause(data.get('cause'))}"
         if downtime is not None:
             headline += f", {_seconds(downtime)} downtime"
@@ -307,7 +315,6 @@ def _short_cause(cause: object) -> str:
         "instance-lost": "the node was stopped or terminated",
         "user action": "the node was stopped or terminated",
         "user": "the node was stopped or terminated",
-        "no-node": "finding no node",
         "health": "failed health checks",
         "failed health": "failed health checks",
         "planned": "a planned replacement",

@@ -70,7 +70,6 @@ def test_a_completed_recovery_says_why_how_long_and_that_nothing_is_needed() -> 
         ("instance-lost", "after the node was stopped or terminated", "other than AWS spot"),
         ("health", "after failed health checks", "kept failing its health check"),
         ("planned", "after a planned replacement", "cdk deploy"),
-        ("no-node", "after finding no node", "no node was running"),
     ],
 )
 def test_the_recovery_message_tells_a_spot_reclaim_from_a_user_action_and_from_bad_health(
@@ -283,3 +282,21 @@ def test_a_happening_without_any_key_is_sent_every_time(aws: dict[str, Any]) -> 
         assert send(aws["sns"], aws["ddb"], TABLE, settings_for(aws), [bare], AT) == [
             Message(compose(bare, settings_for(aws)).subject, compose(bare, settings_for(aws)).body)
         ]
+
+
+def test_first_node_of_a_deploy_is_announced_without_downtime() -> None:
+    from datetime import UTC, datetime
+
+    from spotforge_controller.model import Happening
+    from spotforge_controller.notify import NotifySettings, compose
+
+    happening = Happening(
+        "recovery-complete",
+        datetime(2026, 12, 4, 12, 0, tzinfo=UTC),
+        "Node i-1 is serving.",
+        {"cause": "no-node", "old_instance_id": None, "downtime_seconds": 74.0, "instance_id": "i-1"},
+    )
+    message = compose(happening, NotifySettings("sf", "", on_demand_fallback=True))
+    assert message.subject == "[sf] Forgejo is up: a node is serving"
+    assert "Downtime" not in message.body
+    assert "AdminPasswordCommand" in message.body

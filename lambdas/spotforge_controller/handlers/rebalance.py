@@ -14,6 +14,7 @@ from ..act import run_agent
 from ..errors import ConflictError
 from ..events import RebalanceRecommendation, parse_event
 from ..model import Happening
+from ..observe import read_nodes
 from ..reconcile import Trigger
 from ..runtime import Runtime
 from . import common
@@ -32,9 +33,16 @@ def handler(event: object, context: object = None, *, runtime: Runtime | None = 
         return common.finish(NAME, "ignored", reason=reason)
     rt = common.resolve_runtime(runtime)
     instance_id = parsed.instance_id
-    if not common.is_our_node(rt, instance_id):
+    node = next((n for n in read_nodes(rt) if n.instance_id == instance_id), None)
+    if node is None:
         return common.finish(
             NAME, "ignored", reason=f"{instance_id} is not a node of this stack", instance_id=instance_id
+        )
+    if not node.alive:
+        # A late recommendation for a node already gone: its backup cannot run and a snapshot
+        # "for" it (now of the replacement's volume) plus an email would only mislead.
+        return common.finish(
+            NAME, "ignored", reason=f"{instance_id} is already {node.state}", instance_id=instance_id
         )
 
     backup_command: str | None = None
