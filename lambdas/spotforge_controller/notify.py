@@ -103,6 +103,10 @@ def compose(happening: HappeningLike, settings: NotifySettings) -> Message:
             "Nothing. A replacement is starting now and the data volume will move to it; "
             "you will get another email when Forgejo is back."
         )
+    elif kind == "node-missing":
+        # The first deploy, or every node gone long enough that AWS no longer lists it.
+        headline = "No node is serving: launching one"
+        todo = "Nothing yet. You will get another email when Forgejo is up."
     elif kind == "node-lost":
         headline = "Node lost: launching a replacement"
         todo = "Nothing yet. You will get another email when Forgejo is back."

@@ -300,3 +300,9 @@ def test_first_node_of_a_deploy_is_announced_without_downtime() -> None:
     assert message.subject == "[sf] Forgejo is up: a node is serving"
     assert "Downtime" not in message.body
     assert "AdminPasswordCommand" in message.body
+
+
+def test_a_missing_node_says_one_is_being_launched() -> None:
+    msg = compose(happening("node-missing", cause="no-node"), SETTINGS)
+    assert msg.subject == "[spotforge] No node is serving: launching one"
+    assert "another email when Forgejo is up" in msg.body
