@@ -44,7 +44,7 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	shellcheck -x userdata/*.sh userdata/lib/*.sh userdata/bin/spotforge-agent .ci/run
-	$(PY) -m vermin --no-tips --violations -t=3.9- userdata/agent
+	$(VENV)/bin/vermin --no-tips --violations -t=3.9- userdata/agent
 
 deploy: setup
 	$(CDK) deploy --require-approval broadening $(CDK_ARGS)

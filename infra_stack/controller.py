@@ -340,6 +340,11 @@ class Controller(Construct):
                 resources=[inputs.topic_key_arn],
             ),
             iam.PolicyStatement(
+                sid="BackupHeartbeat",
+                actions=["s3:GetObject"],
+                resources=[f"{inputs.bucket_arn}/backups/heartbeat.json"],
+            ),
+            iam.PolicyStatement(
                 sid="BackupAge",
                 actions=["s3:ListBucket"],
                 resources=[inputs.bucket_arn],

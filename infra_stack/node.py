@@ -227,6 +227,7 @@ def _user_data_script(
         "SPOTFORGE_FORGEJO_IMAGE": f"codeberg.org/forgejo/forgejo:{config.forgejo_version}",
         "SPOTFORGE_K3S_VERSION": config.k3s_version,
         "SPOTFORGE_BACKUP_INTERVAL_MINUTES": str(config.backup_interval_minutes),
+        "SPOTFORGE_BACKUP_RETENTION_DAYS": str(config.backup_retention_days),
         "SPOTFORGE_ADMIN_PASSWORD_PARAM": config.admin_password_parameter,
     }
     env_lines = "\n".join(f"{key}={value}" for key, value in settings.items())

@@ -699,3 +699,17 @@ def test_a_rebalance_whose_backup_cannot_be_sent_still_snapshots_and_says_so(
     assert "rebalance-snapshot" in result["happenings"]
     (mail,) = world.inbox()
     assert "Backup: not started: InvalidInstanceId" in mail["Message"]
+
+
+def test_backup_age_comes_from_the_agent_heartbeat_when_the_forge_is_quiet(world: World) -> None:
+    put_backup(world, "20261101T000000.000000Z")  # nothing changed for a month...
+    heartbeat = {
+        "checked_at": "2026-12-04T11:58:00Z",
+        "index": "backups/index/20261101T000000.000000Z.json.gz",
+    }
+    world.session.client("s3").put_object(
+        Bucket=BUCKET, Key="backups/heartbeat.json", Body=json.dumps(heartbeat)
+    )
+    newest = health.newest_backup(world.session.client("s3"), BUCKET, START)
+    # ...but the agent confirmed two minutes ago that this backup is current.
+    assert newest == (heartbeat["index"], datetime(2026, 12, 4, 11, 58, tzinfo=UTC))

@@ -1,11 +1,13 @@
 """Scheduled health check: the core probes and acts on the streak; this publishes the gauges.
 
 Gauges: Healthy (0/1, from this run's probe), CertificateDaysLeft (when a domain is set) and
-BackupAgeSeconds (age of the newest backup index the node agent wrote to S3).
+BackupAgeSeconds (time since the node agent last confirmed a current backup: its heartbeat, written
+on every successful run, changed or not; before the first heartbeat, the newest backup index).
 """
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,8 +21,10 @@ from . import common
 
 NAME = "health"
 BUDGET_SECONDS = 40.0
-# docs/design.md: SPOTFORGE_BACKUP_PREFIX is `backups/`; the agent writes one index per backup.
+# docs/design.md: SPOTFORGE_BACKUP_PREFIX is `backups/`; the agent writes one index per backup
+# that changed something, and the heartbeat on every successful run.
 BACKUP_INDEX_PREFIX = "backups/index/"
+HEARTBEAT_KEY = "backups/heartbeat.json"
 # Keys are `<stamp>.json.gz` with a sortable UTC stamp, so listing from a recent stamp is enough.
 RECENT_WINDOW = timedelta(days=2)
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
@@ -82,9 +86,14 @@ def current_health(runtime: Runtime, started: datetime) -> tuple[bool, str, floa
 
 
 def newest_backup(s3: Any, bucket: str, now: datetime) -> tuple[str, datetime] | None:
-    """The newest backup index key and its time, or None when there is none (or S3 refuses)."""
-    recent = BACKUP_INDEX_PREFIX + (now - RECENT_WINDOW).strftime(_STAMP)
+    """The newest backup index key and when it was last confirmed current, or None when there is
+    none (or S3 refuses). A quiet forge writes no new index, so the heartbeat is what tells a
+    current backup from stopped backups."""
     try:
+        heartbeat = _heartbeat(s3, bucket)
+        if heartbeat is not None:
+            return heartbeat
+        recent = BACKUP_INDEX_PREFIX + (now - RECENT_WINDOW).strftime(_STAMP)
         found = _newest_key(s3, bucket, recent) or _newest_key(s3, bucket, None)
     except ClientError as exc:
         common.logger.warning("cannot list backups", extra={"bucket": bucket, "error": str(exc)})
@@ -93,6 +102,22 @@ def newest_backup(s3: Any, bucket: str, now: datetime) -> tuple[str, datetime] |
         return None
     key, modified = found
     return key, _stamp_time(key) or modified
+
+
+def _heartbeat(s3: Any, bucket: str) -> tuple[str, datetime] | None:
+    try:
+        body = s3.get_object(Bucket=bucket, Key=HEARTBEAT_KEY)["Body"].read()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+    try:
+        doc = json.loads(body)
+        checked = datetime.fromisoformat(str(doc["checked_at"]).replace("Z", "+00:00"))
+        return str(doc["index"]), checked
+    except (ValueError, KeyError, TypeError):
+        common.logger.warning("unreadable backup heartbeat", extra={"bucket": bucket})
+        return None
 
 
 def _newest_key(s3: Any, bucket: str, start_after: str | None) -> tuple[str, datetime] | None:
