@@ -38,7 +38,7 @@ bench: setup
 	$(PY) bench/snapshot_bench.py $(BENCH_ARGS)
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .
