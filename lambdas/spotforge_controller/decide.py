@@ -395,11 +395,18 @@ def _drain_track(
             )
         )
         return actions
-    # The drain failed on a running node: it may still have the volume mounted, so no detach.
+    # The drain failed on a running node: it may still have the volume mounted, so never force. A
+    # plain detach is safe all the same: AWS keeps a mounted volume busy until it is unmounted or
+    # the instance goes away, and completes at once when the agent got as far as unmounting.
     actions = []
     if not rec.stuck_reported:
         reason = f"the drain on {holder.instance_id} ended {drain.status}: {drain.detail or 'no detail'}"
         actions.append(Action("report", reason, holder.instance_id, {"happening": "drain-failed"}))
+    if rec.detach_at is None:
+        reason = f"the drain on {holder.instance_id} failed; a plain detach completes only if it unmounted"
+        actions.append(
+            Action("detach", reason, holder.instance_id, {"volume": o.volume.volume_id, "force": False})
+        )
     warned_at = holder.interruption or (
         rec.interruption_at if rec.old_instance_id == holder.instance_id else None
     )

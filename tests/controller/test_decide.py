@@ -307,20 +307,24 @@ RECOVERING = [
             recovery=rec(replacement_id="i-new", drain_instance_id="i-old", drain_command_id="c-1"),
             drain=DrainStatus("c-1", "i-old", "Failed", "sqlite backup failed"),
         ),
-        ["report i-old happening=drain-failed"],
-        id="failed-drain-on-a-warned-node-is-reported-not-detached",
+        ["report i-old happening=drain-failed", "detach i-old force=False volume=vol-1"],
+        id="failed-drain-on-a-warned-node-is-reported-and-detached-plainly-never-forced",
     ),
     pytest.param(
         world(
             node(phase="draining", interruption=ago(10)),
             NEW_STANDBY,
             recovery=rec(
-                replacement_id="i-new", drain_instance_id="i-old", drain_command_id="c-1", stuck_reported=True
+                replacement_id="i-new",
+                drain_instance_id="i-old",
+                drain_command_id="c-1",
+                stuck_reported=True,
+                detach_at=ago(5),
             ),
             drain=DrainStatus("c-1", "i-old", "TimedOut"),
         ),
         ["wait seconds=2.0"],
-        id="failed-drain-waits-for-the-spot-termination",
+        id="failed-drain-with-its-plain-detach-sent-waits-for-the-spot-termination",
     ),
     pytest.param(
         world(
@@ -332,6 +336,7 @@ RECOVERING = [
                 drain_instance_id="i-old",
                 drain_command_id="c-1",
                 stuck_reported=True,
+                detach_at=ago(100),
             ),
             drain=DrainStatus("c-1", "i-old", "Failed"),
         ),
@@ -363,7 +368,7 @@ RECOVERING = [
             ),
             drain=DrainStatus("c-1", "i-old", "Failed"),
         ),
-        ["report i-old happening=drain-failed", "terminate i-old"],
+        ["report i-old happening=drain-failed", "detach i-old force=False volume=vol-1", "terminate i-old"],
         id="failed-drain-on-a-planned-replacement-terminates-the-old-node",
     ),
     pytest.param(
@@ -629,8 +634,10 @@ def test_no_world_leads_to_an_unsafe_volume_step() -> None:
             if action.kind == "detach" and action.params["force"]:
                 assert action.instance_id not in alive, f"force-detach from a live node in {observed}"
             if action.kind == "detach" and action.instance_id in alive:
-                assert observed.drain is not None and observed.drain.done, (
-                    "clean detach only after a good drain"
+                # A plain detach of a still-mounted volume only leaves it busy in AWS; it is
+                # still sent only once the drain has ended, one way or the other.
+                assert observed.drain is not None and (observed.drain.done or observed.drain.failed), (
+                    "detach from a live node only after its drain ended"
                 )
             if action.kind == "attach":
                 assert holder is None, "attach while the volume is still held"
