@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -502,7 +502,7 @@ class Drill:
         """EventBridge: each delivered event goes to the function the stack's rules target."""
         dispatched = False
         for event in self.emu.drain_events():
-            target = _rule_target(event)
+            target = rule_target(event)
             if target is not None:
                 self.invoke(target, event)
                 dispatched = True
@@ -576,7 +576,8 @@ class Drill:
         }
 
 
-def _rule_target(event: dict[str, Any]) -> str | None:
+def rule_target(event: Mapping[str, Any]) -> str | None:
+    """The function the stack's EventBridge rules send an event to (infra_stack/controller.py _rules)."""
     source, kind = event.get("source"), event.get("detail-type")
     if (source, kind) in (
         ("aws.ec2", "EC2 Spot Instance Interruption Warning"),
@@ -586,7 +587,8 @@ def _rule_target(event: dict[str, Any]) -> str | None:
     if (source, kind) == ("aws.ec2", "EC2 Instance Rebalance Recommendation"):
         return "rebalance"
     if (source, kind) == ("aws.ec2", "EC2 Instance State-change Notification"):
-        return "reconcile" if (event.get("detail") or {}).get("state") in LOSS_STATES else None
+        detail = event.get("detail")
+        return "reconcile" if isinstance(detail, Mapping) and detail.get("state") in LOSS_STATES else None
     return None
 
 

@@ -22,7 +22,7 @@ from botocore.exceptions import ClientError
 from drill.emulator import DirectoryNode, LatencyModel
 from drill.node import NodeTimings, SimNode
 from drill.region import read_inbox
-from drill.scenarios import LOSS_STATES, Drill, Invocation, lifecycle_create
+from drill.scenarios import Drill, Invocation, lifecycle_create, rule_target
 from spotforge_controller.config import Config
 from spotforge_controller.runtime import Runtime
 
@@ -45,22 +45,6 @@ class AwsCall:
     @property
     def mutating(self) -> bool:
         return not self.operation.startswith(_READ_PREFIXES)
-
-
-def rule_target(event: Mapping[str, Any]) -> str | None:
-    """The function the stack's EventBridge rules send an event to (infra_stack/controller.py _rules)."""
-    source, kind = event.get("source"), event.get("detail-type")
-    if (source, kind) in (
-        ("aws.ec2", "EC2 Spot Instance Interruption Warning"),
-        ("spotforge.node", "Spot Interruption Signal"),
-    ):
-        return "interruption"
-    if (source, kind) == ("aws.ec2", "EC2 Instance Rebalance Recommendation"):
-        return "rebalance"
-    if (source, kind) == ("aws.ec2", "EC2 Instance State-change Notification"):
-        detail = event.get("detail")
-        return "reconcile" if isinstance(detail, Mapping) and detail.get("state") in LOSS_STATES else None
-    return None
 
 
 def scheduled_event(world: Drill, tag: str = "manual") -> dict[str, Any]:
