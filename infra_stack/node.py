@@ -62,7 +62,7 @@ class NodeTemplate(Construct):
         self.role.add_to_policy(
             iam.PolicyStatement(
                 sid="BackupsReadWrite",
-                actions=["s3:GetObject", "s3:PutObject", "s3:GetObjectAttributes", "s3:AbortMultipartUpload"],
+                actions=["s3:GetObject", "s3:PutObject"],
                 resources=[bucket.arn_for_objects(f"{backup_prefix}*")],
             )
         )

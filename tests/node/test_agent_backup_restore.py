@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import sqlite3
 
@@ -82,16 +83,24 @@ def test_db_change_uploads_a_new_snapshot_with_a_manifest(ctx, s3, data_tree, h)
     assert len([k for k in manifests if k.endswith(".json")]) == 2
     manifest = json.loads(s3.get_object(Bucket=h.BUCKET, Key=manifests[-1])["Body"].read())
     assert set(manifest) >= {
-        "size_raw",
-        "sha256_raw",
-        "size_compressed",
-        "sha256_compressed",
+        "format",
+        "chunks",
+        "size",
+        "sha256",
         "page_count",
+        "page_size",
         "source_time",
         "instance_id",
     }
+    assert manifest["format"] == "chunks-v1"
+    assert sum(size for _digest, size in manifest["chunks"]) == manifest["size"]
+    assert manifest["size"] == manifest["page_count"] * manifest["page_size"]
     assert manifest["instance_id"] == h.INSTANCE_ID
-    assert manifest["key"].startswith("backups/db/20261204T1201")
+    assert manifest["key"].startswith("backups/db/20261204T1201") and manifest["key"].endswith(".json")
+    # the index's DB entry is the manifest (plus the change fingerprint): restore needs nothing else
+    _, index = agent.latest_index(ctx)
+    assert {k: v for k, v in index["db"].items() if not k.startswith("fingerprint")} == manifest
+    assert not [k for k in h.s3_keys(s3) if k.endswith(".db.gz")]
 
 
 def test_restore_at_picks_the_newest_backup_at_or_before_the_time(ctx, data_tree, h):
@@ -129,16 +138,124 @@ def test_corrupt_blob_fails_the_restore_and_leaves_the_mount_blank(ctx, s3, data
     assert list(data_tree.mount.iterdir()) == []
 
 
-def test_corrupt_db_snapshot_fails_the_restore_and_leaves_the_mount_blank(ctx, s3, data_tree, h):
+def _chunked_db(data_tree, monkeypatch, rows: int = 200) -> None:
+    """Grow the test DB to ~1.7 MB of incompressible rows and use 64 KiB chunks (~27 of them)."""
+    monkeypatch.setattr(agent, "CHUNK_BYTES", 64 * 1024)
+    conn = sqlite3.connect(data_tree.db)
+    conn.execute("CREATE TABLE attachment (id INTEGER PRIMARY KEY, data BLOB)")
+    conn.executemany("INSERT INTO attachment (data) VALUES (randomblob(8192))", [()] * rows)
+    conn.commit()
+    conn.close()
+
+
+def _manifest(s3, h) -> dict:
+    key = h.s3_keys(s3, "backups/db/")[-1]
+    return json.loads(s3.get_object(Bucket=h.BUCKET, Key=key)["Body"].read())
+
+
+def test_corrupt_db_chunk_is_refused_with_the_integrity_exit_code_and_nothing_is_left(
+    ctx, s3, data_tree, h, monkeypatch, capsys
+):
+    _chunked_db(data_tree, monkeypatch)
     agent.backup(ctx)
-    db_key = next(k for k in h.s3_keys(s3, "backups/db/") if k.endswith(".db.gz"))
-    raw = gzip.decompress(s3.get_object(Bucket=h.BUCKET, Key=db_key)["Body"].read())
+    digest = _manifest(s3, h)["chunks"][3][0]
+    key = f"backups/chunks/{digest}.gz"
+    raw = gzip.decompress(s3.get_object(Bucket=h.BUCKET, Key=key)["Body"].read())
     damaged = raw[:4096] + b"\x00" * 4096 + raw[8192:]
-    s3.put_object(Bucket=h.BUCKET, Key=db_key, Body=gzip.compress(damaged))
+    s3.put_object(Bucket=h.BUCKET, Key=key, Body=gzip.compress(damaged))
     h.wipe_mount(data_tree.mount)
-    with pytest.raises(agent.IntegrityError, match="sha256"):
+
+    monkeypatch.setattr(agent, "make_context", lambda env: (ctx, None))
+    code = agent.main(["restore"], env={})
+
+    assert code == agent.IntegrityError.exit_code
+    assert f"chunks/{digest}.gz does not match its sha256" in capsys.readouterr().err
+    assert list(data_tree.mount.iterdir()) == []
+
+
+def test_a_chunk_that_is_not_gzip_is_an_integrity_error(ctx, s3, data_tree, h):
+    agent.backup(ctx)
+    digest = _manifest(s3, h)["chunks"][0][0]
+    s3.put_object(Bucket=h.BUCKET, Key=f"backups/chunks/{digest}.gz", Body=b"bit rot")
+    h.wipe_mount(data_tree.mount)
+    with pytest.raises(agent.IntegrityError, match="does not decompress"):
         agent.restore(ctx)
     assert list(data_tree.mount.iterdir()) == []
+
+
+def test_a_missing_chunk_fails_the_restore_and_leaves_the_mount_blank(ctx, s3, data_tree, h):
+    agent.backup(ctx)
+    digest = _manifest(s3, h)["chunks"][-1][0]
+    s3.delete_object(Bucket=h.BUCKET, Key=f"backups/chunks/{digest}.gz")
+    h.wipe_mount(data_tree.mount)
+    with pytest.raises(agent.IntegrityError, match="backup object missing"):
+        agent.restore(ctx)
+    assert list(data_tree.mount.iterdir()) == []
+
+
+def test_chunks_that_each_verify_but_assemble_a_different_file_are_refused(
+    ctx, s3, data_tree, h, monkeypatch
+):
+    monkeypatch.setattr(agent, "CHUNK_BYTES", 4096)
+    agent.backup(ctx)
+    key = h.s3_keys(s3, "backups/index/")[-1]
+    index = json.loads(gzip.decompress(s3.get_object(Bucket=h.BUCKET, Key=key)["Body"].read()))
+    chunks = index["db"]["chunks"]
+    assert len(chunks) >= 2 and chunks[0][1] == chunks[1][1]
+    chunks[0], chunks[1] = chunks[1], chunks[0]  # every chunk is intact, the order is not
+    s3.put_object(Bucket=h.BUCKET, Key=key, Body=gzip.compress(json.dumps(index).encode()))
+    h.wipe_mount(data_tree.mount)
+    with pytest.raises(agent.IntegrityError, match="sha256 of the database does not match"):
+        agent.restore(ctx)
+    assert list(data_tree.mount.iterdir()) == []
+
+
+def test_second_backup_after_a_few_row_updates_uploads_only_a_few_chunks(ctx, s3, data_tree, h, monkeypatch):
+    _chunked_db(data_tree, monkeypatch)
+    first = agent.backup(ctx)
+    first_manifest = _manifest(s3, h)
+    chunks_before = set(h.s3_keys(s3, "backups/chunks/"))
+    assert first.db_chunks_uploaded == len(chunks_before) == len({c[0] for c in first_manifest["chunks"]})
+    assert len(first_manifest["chunks"]) >= 25
+
+    conn = sqlite3.connect(data_tree.db)
+    conn.execute("UPDATE user SET email = 'moved@example.com' WHERE id IN (1, 2, 3)")
+    conn.execute("UPDATE attachment SET data = randomblob(8192) WHERE id = 150")
+    conn.commit()
+    conn.close()
+    ctx.clock.advance(300)
+    second = agent.backup(ctx)
+
+    new_keys = sorted(set(h.s3_keys(s3, "backups/chunks/")) - chunks_before)
+    new_bytes = sum(s3.head_object(Bucket=h.BUCKET, Key=k)["ContentLength"] for k in new_keys)
+    assert second.db_uploaded and not second.skipped
+    # page 1 (header), the user table's leaf and the attachment's page: at most 3 of ~27 chunks
+    assert 1 <= second.db_chunks_uploaded == len(new_keys) <= 3
+    assert second.bytes_uploaded == new_bytes == _manifest(s3, h)["bytes_uploaded"]
+    assert new_bytes < first.bytes_uploaded / 5
+    h.wipe_mount(data_tree.mount)
+    agent.restore(ctx)
+    assert h.db_rows(data_tree.db)["user"][0][2] == "moved@example.com"
+
+
+def test_restore_rebuilds_the_db_byte_for_byte_from_parallel_chunks(ctx, s3, data_tree, h, monkeypatch):
+    _chunked_db(data_tree, monkeypatch)
+    rows = h.db_rows(data_tree.db)
+    reference = data_tree.mount.parent / "reference.db"
+    agent.snapshot_sqlite(str(data_tree.db), str(reference))
+    agent.backup(ctx)
+    h.wipe_mount(data_tree.mount)
+
+    agent.restore(ctx)
+
+    assert data_tree.db.read_bytes() == reference.read_bytes()
+    assert hashlib.sha256(data_tree.db.read_bytes()).hexdigest() == _manifest(s3, h)["sha256"]
+    conn = sqlite3.connect(data_tree.db)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        conn.close()
+    assert h.db_rows(data_tree.db) == rows
 
 
 def test_restore_without_any_backup_names_the_bucket(ctx, platform):
@@ -161,7 +278,7 @@ def test_restore_rejects_index_paths_that_escape_the_mount(ctx, s3, data_tree, h
 class _DenyingS3:
     """Wraps the moto client; put_object is refused the way S3 refuses a missing IAM grant."""
 
-    def __init__(self, inner, denied=("put_object", "upload_part", "create_multipart_upload")):
+    def __init__(self, inner, denied=("put_object",)):
         self._inner = inner
         self._denied = denied
 
@@ -191,17 +308,26 @@ def test_backup_of_an_unmounted_volume_fails_clearly(ctx, platform):
         agent.backup(ctx)
 
 
-def test_large_db_is_uploaded_in_parts_and_restores_exactly(ctx, s3, data_tree, h, monkeypatch):
-    monkeypatch.setattr(agent, "CHUNK_BYTES", 256 * 1024)
-    monkeypatch.setattr(agent, "PART_MIN_BYTES", 5 * 1024 * 1024)
+def test_repeated_chunks_inside_one_snapshot_are_uploaded_once_and_restored_everywhere(
+    ctx, s3, data_tree, h, monkeypatch
+):
+    monkeypatch.setattr(agent, "CHUNK_BYTES", 4096)
     conn = sqlite3.connect(data_tree.db)
-    # random blobs do not compress, so the upload really needs several 5 MiB parts
+    # secure_delete zeroes freed pages, and a snapshot keeps the free list: many 4 KiB chunks of
+    # zeros share one digest
+    conn.execute("PRAGMA secure_delete=ON")
     conn.execute("CREATE TABLE attachment (id INTEGER PRIMARY KEY, data BLOB)")
-    conn.executemany("INSERT INTO attachment (data) VALUES (randomblob(65536))", [()] * 200)
+    conn.executemany("INSERT INTO attachment (data) VALUES (randomblob(65536))", [()] * 20)
+    conn.commit()
+    conn.execute("DELETE FROM attachment")
     conn.commit()
     conn.close()
     rows = h.db_rows(data_tree.db)
-    agent.backup(ctx)
+    result = agent.backup(ctx)
+    chunks = _manifest(s3, h)["chunks"]
+    distinct = {digest for digest, _size in chunks}
+    assert len(distinct) < len(chunks) / 2
+    assert result.db_chunks_uploaded == len(distinct) == len(h.s3_keys(s3, "backups/chunks/"))
     h.wipe_mount(data_tree.mount)
     agent.restore(ctx)
     assert h.db_rows(data_tree.db) == rows

@@ -70,31 +70,38 @@ def test_drain_past_the_deadline_fails_but_still_unmounts_and_leaves_no_partial_
     assert s3.list_multipart_uploads(Bucket=h.BUCKET).get("Uploads", []) == []
 
 
-def test_deadline_during_the_db_upload_aborts_the_multipart_upload(
+def test_deadline_during_the_db_upload_stops_before_the_manifest_and_leaves_only_whole_chunks(
     ctx, data_tree, platform, s3, h, monkeypatch, clock
 ):
+    import gzip
+    import hashlib
     import sqlite3
 
     monkeypatch.setattr(agent, "CHUNK_BYTES", 64 * 1024)
-    monkeypatch.setattr(agent, "PART_MIN_BYTES", 5 * 1024 * 1024)
     conn = sqlite3.connect(data_tree.db)
     conn.execute("CREATE TABLE blob (id INTEGER PRIMARY KEY, data BLOB)")
     conn.executemany("INSERT INTO blob (data) VALUES (randomblob(65536))", [()] * 200)
     conn.commit()
     conn.close()
-    real_put = agent._s3
+    real_s3 = agent._s3
 
     def slow_s3(c, operation, key, **kwargs):
-        if operation == "upload_part":
-            clock.advance(20)  # each part "takes" 20 s of the 25 s budget
-        return real_put(c, operation, key, **kwargs)
+        if operation == "put_object" and "/chunks/" in key:
+            clock.advance(5)  # each chunk "takes" 5 s of the 25 s budget
+        return real_s3(c, operation, key, **kwargs)
 
     monkeypatch.setattr(agent, "_s3", slow_s3)
     with pytest.raises(agent.DeadlineExceeded, match="DB upload"):
         agent.drain(ctx, 25)
     assert not platform.mounted
-    assert s3.list_multipart_uploads(Bucket=h.BUCKET).get("Uploads", []) == []
-    assert [k for k in h.s3_keys(s3) if k.endswith(".db.gz") or "/index/" in k] == []
+    keys = h.s3_keys(s3)
+    assert [k for k in keys if "/db/" in k or "/index/" in k] == []
+    chunks = [k for k in keys if "/chunks/" in k]
+    # it stopped early, and what did land is complete and correct (content addressed, unreferenced)
+    assert 0 < len(chunks) < 50
+    for key in chunks:
+        data = gzip.decompress(s3.get_object(Bucket=h.BUCKET, Key=key)["Body"].read())
+        assert key.endswith(f"/{hashlib.sha256(data).hexdigest()}.gz")
 
 
 def test_drain_of_a_node_without_a_mounted_volume_just_stops_workloads(ctx, platform):

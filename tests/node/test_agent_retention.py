@@ -16,13 +16,15 @@ def _refreshed(s3, key: str) -> str | None:
 
 
 def _needed_keys(index_key: str, index: dict) -> list[str]:
-    db_key = index["db"]["key"]
+    manifest_key = index["db"]["key"]
+    chunks = [f"backups/chunks/{digest}.gz" for digest, _size in index["db"]["chunks"]]
     blobs = [
         "backups/blobs/" + f["sha256"]
         for f in index["files"]
         if "sha256" in f and "data" not in f and "link" not in f
     ]
-    return [index_key, db_key, db_key.replace(".db.gz", ".json"), *blobs]
+    assert manifest_key.endswith(".json") and chunks
+    return [index_key, manifest_key, *chunks, *blobs]
 
 
 def test_every_run_writes_a_heartbeat_even_when_nothing_changed(ctx, s3, data_tree):
@@ -40,6 +42,7 @@ def test_objects_the_newest_backup_needs_are_rewritten_before_they_can_expire(ct
     _, index = agent.latest_index(ctx)
     needed = _needed_keys(first.index_key, index)
     s3.put_object(Bucket=BUCKET, Key="backups/blobs/" + "0" * 64, Body=b"no backup refers to me")
+    s3.put_object(Bucket=BUCKET, Key="backups/chunks/" + "1" * 64 + ".gz", Body=b"nor to me")
 
     ctx.clock.advance(16 * DAY)  # past half of the 30-day retention, as the bucket sees it
     agent.backup(ctx)
@@ -47,6 +50,7 @@ def test_objects_the_newest_backup_needs_are_rewritten_before_they_can_expire(ct
     assert all(_refreshed(s3, key) == "2026-12-20T12:00:00Z" for key in needed)
     # Unreferenced objects are left to the lifecycle rule: that is the garbage collection.
     assert _refreshed(s3, "backups/blobs/" + "0" * 64) is None
+    assert _refreshed(s3, "backups/chunks/" + "1" * 64 + ".gz") is None
 
 
 def test_refresh_runs_at_most_once_a_day_and_never_on_a_drain_deadline(ctx, s3, data_tree):

@@ -180,3 +180,42 @@ def test_a_trusted_unchanged_fingerprint_skips_the_snapshot(ctx, s3, data_tree, 
     ctx.clock.advance(300)
     assert agent.backup(ctx).skipped
     assert calls == []
+
+
+def test_a_chunked_backup_taken_under_a_concurrent_writer_restores_a_consistent_prefix(
+    ctx, data_tree, h, monkeypatch
+):
+    monkeypatch.setattr(agent, "CHUNK_BYTES", 64 * 1024)
+    db = data_tree.db
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE ledger (id INTEGER PRIMARY KEY, payload TEXT)")
+    conn.execute("CREATE TABLE filler (id INTEGER PRIMARY KEY, data BLOB)")
+    conn.executemany("INSERT INTO filler (data) VALUES (randomblob(4000))", [()] * 300)
+    conn.commit()
+    conn.close()
+    writer = Writer(db, "wal")
+    writer.start()
+    try:
+        while len(writer.committed) < 20:
+            time.sleep(0.001)
+        first = agent.backup(ctx)
+        ctx.clock.advance(300)
+        second = agent.backup(ctx)  # incremental, while the writer still commits
+        committed_before_second = len(writer.committed)
+    finally:
+        writer.stop.set()
+        writer.join()
+    assert writer.error is None
+    assert first.db_uploaded and second.db_uploaded
+    assert 0 < second.db_chunks_uploaded < first.db_chunks_uploaded
+    h.wipe_mount(data_tree.mount)
+    agent.restore(ctx)
+    check = sqlite3.connect(db)
+    try:
+        assert check.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        ids = [r[0] for r in check.execute("SELECT id FROM ledger ORDER BY id")]
+    finally:
+        check.close()
+    # every transaction is in or out whole: ids 1..n with no gap, n reaching the first backup's rows
+    assert ids == list(range(1, len(ids) + 1))
+    assert 20 <= len(ids) <= committed_before_second + 1

@@ -36,7 +36,7 @@ Python API (used by the emulator's simulated node, which passes its own ``Platfo
 Lower-level pieces the emulator and the benchmark use directly::
 
     snapshot_sqlite(source_path, target_path, method="auto") -> {"page_count", "page_size", "method"}
-    compress_upload(ctx, path, key, deadline=None) -> {"size_raw", "sha256_raw", ...}
+    upload_chunks(ctx, path, known=(), deadline=None) -> {"chunks", "size", "sha256", "chunks_uploaded", ...}
     db_fingerprint(db_path) -> dict;  mount_holds_data(mount) -> bool;  parse_time(text) -> datetime
 
 Settings (``Settings.from_env``): the names of /etc/spotforge/node.env (``SPOTFORGE_STACK``,
@@ -45,7 +45,7 @@ Settings (``Settings.from_env``): the names of /etc/spotforge/node.env (``SPOTFO
 plus agent-only optional ones: ``SPOTFORGE_IMDS_URL`` (default http://169.254.169.254; tests
 point it at loopback), ``SPOTFORGE_STATE_DIR`` (default /var/lib/spotforge: phase, last backup,
 lock), ``SPOTFORGE_SNAPSHOT_METHOD`` (auto|backup|vacuum), ``SPOTFORGE_COMPRESS_LEVEL`` (0-9,
-default 1).
+default 1; gzip level of DB chunks).
 
 Local state lives in ``$SPOTFORGE_STATE_DIR/state.json`` on the root volume; scratch files
 (snapshot, restore) live in ``<mount>/.spotforge-*`` so a restore can rename into place on the
@@ -57,14 +57,22 @@ devices, identity, phase tag); ``LinuxPlatform`` implements it with systemctl/ku
 
 S3 layout under ``s3://$SPOTFORGE_BUCKET/$SPOTFORGE_BACKUP_PREFIX``::
 
-    db/<stamp>.db.gz      SQLite snapshot, gzip (concatenated members, one per chunk)
-    db/<stamp>.json       its manifest (sizes, sha256 of raw and compressed, page_count, times)
+    chunks/<sha256>.gz    one CHUNK_BYTES piece of a DB snapshot, gzip; named by the sha256 of
+                          its raw bytes, so unchanged pieces are stored once for all backups
+    db/<stamp>.json       DB manifest: format "chunks-v1", chunks in file order ([sha256, raw
+                          size]), size and sha256 of the whole file, page_count, page_size,
+                          source_time, instance_id, method, chunks_uploaded, bytes_uploaded
     blobs/<sha256>        content-addressed file contents (git objects and packs, large files)
     index/<stamp>.json.gz per-backup index: every directory, file (mode, owner, sha256, small
-                          mutable files inline) and the DB entry; S3 alone rebuilds the tree
+                          mutable files inline) and the DB entry (the manifest plus the change
+                          fingerprint); S3 alone rebuilds the tree
+    heartbeat.json        every successful run: checked_at, index
 
-``<stamp>`` is ``YYYYmmddTHHMMSS.ffffffZ`` (UTC), so keys sort in time order. Blobs are shared by
-all indexes: the bucket's expiry rule must not delete ``blobs/`` while an index still refers to it.
+``<stamp>`` is ``YYYYmmddTHHMMSS.ffffffZ`` (UTC), so keys sort in time order. A DB backup uploads
+only the chunks its predecessor's manifest does not list; restore fetches them in parallel and
+checks each chunk's sha256, the whole file's sha256 and ``PRAGMA integrity_check``. Chunks and
+blobs are shared by many backups: the bucket's expiry rule must not delete one while the newest
+index still refers to it (``refresh_newest`` rewrites those daily).
 """
 
 from __future__ import annotations
@@ -94,7 +102,7 @@ import urllib.request
 import uuid
 import zlib
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Collection, Deque, Dict, Iterator, List, Mapping, Optional, Tuple
 
 LOG = logging.getLogger("spotforge-agent")
 
@@ -118,8 +126,11 @@ BACKUP_SCOPE = (
 IGNORED_TOP_LEVEL = ("lost+found",)
 WORK_DIR_PREFIX = ".spotforge-"
 INLINE_MAX_BYTES = 64 * 1024
-CHUNK_BYTES = 8 * 1024 * 1024
-PART_MIN_BYTES = 8 * 1024 * 1024  # S3 rejects non-final multipart parts under 5 MiB
+# DB snapshots are stored as fixed-size chunks named by their sha256. bench/snapshot_bench.py, 1 GB
+# DB, 1680 commits between the timer's backup and a drain: 256 KiB chunks re-send 2.8 MB raw but
+# need 4023 requests for a full backup or restore; 1 MiB re-send 7.5 MB with 1006 requests; 4 MiB
+# 21.5 MB with 252. 1 MiB keeps both the drain's upload and the request count small.
+CHUNK_BYTES = 1024 * 1024
 EVENT_SOURCE = "spotforge.node"
 EVENT_DETAIL_TYPE = "Spot Interruption Signal"
 SELF_DRAIN_LEAD_S = 25.0
@@ -470,20 +481,6 @@ def _s3(ctx: Context, operation: str, key: str, **kwargs: Any) -> Any:
         raise StorageError("S3 %s %s failed: %s" % (operation, target, code or exc)) from exc
 
 
-def _list_keys(ctx: Context, prefix: str) -> List[str]:
-    keys: List[str] = []
-    token: Optional[str] = None
-    while True:
-        extra: Dict[str, Any] = {"Prefix": ctx.key(prefix)}
-        if token:
-            extra["ContinuationToken"] = token
-        page = _s3(ctx, "list_objects_v2", "", **extra)
-        keys.extend(item["Key"] for item in page.get("Contents", []))
-        if not page.get("IsTruncated"):
-            return keys
-        token = page.get("NextContinuationToken")
-
-
 def _list_modified(ctx: Context, prefix: str) -> Dict[str, _dt.datetime]:
     """Key -> LastModified under a prefix (all pages)."""
     found: Dict[str, _dt.datetime] = {}
@@ -506,7 +503,7 @@ def _get_bytes(ctx: Context, key: str) -> bytes:
 
 def list_backups(ctx: Context) -> List[str]:
     """Index keys, oldest first."""
-    return sorted(k for k in _list_keys(ctx, "index/") if k.endswith(".json.gz"))
+    return sorted(k for k in _list_modified(ctx, "index/") if k.endswith(".json.gz"))
 
 
 def _index_stamp(key: str) -> str:
@@ -691,98 +688,82 @@ def gzip_member(data: bytes, level: int) -> bytes:
     return squeezer.compress(data) + squeezer.flush()
 
 
-def compress_upload(
-    ctx: Context, path: str, key: str, deadline: Optional[float] = None, workers: int = 2
+def _chunk_key(ctx: Context, digest: str) -> str:
+    return ctx.key("chunks/%s.gz" % digest)
+
+
+def upload_chunks(
+    ctx: Context,
+    path: str,
+    known: Collection[str] = (),
+    deadline: Optional[float] = None,
+    workers: int = 4,
 ) -> Dict[str, Any]:
-    """Gzip ``path`` and upload it to ``key``; returns sizes and sha256 of raw and compressed.
+    """Split ``path`` into ``CHUNK_BYTES`` pieces and upload each piece S3 does not hold yet.
 
-    Each chunk becomes its own gzip member (a concatenation of members is one valid gzip stream),
-    so chunks compress in parallel threads (zlib releases the GIL) and parts upload while later
-    chunks compress. Memory stays bounded by the in-flight window. Any failure aborts the
-    multipart upload so no partial object is left.
+    Each chunk is named by the sha256 of its raw bytes and stored gzip-compressed as
+    ``chunks/<sha256>.gz``; ``known`` are digests the previous backup already lists, so they are
+    not sent again. SQLite keeps every page at a fixed offset, so a few row updates change only
+    the chunks holding the touched pages. The file is read and hashed in order on this thread
+    (hashlib releases the GIL on large buffers) while worker threads compress (zlib releases it
+    too) and upload; the in-flight window bounds memory to about ``2 * workers`` chunks. A
+    chunk object is only ever written whole, so a failure or deadline leaves at most some
+    complete, unreferenced chunks that the bucket's expiry rule removes.
+
+    Returns ``chunks`` ([digest, raw size] in file order), ``size``, ``sha256`` of the whole file,
+    ``chunk_bytes``, ``chunks_uploaded``, ``bytes_uploaded`` (compressed) and
+    ``raw_bytes_uploaded``.
     """
-    raw_sha = hashlib.sha256()
-    comp_sha = hashlib.sha256()
-    sizes = {"raw": 0, "compressed": 0}
     level = ctx.settings.compress_level
-    upload_id: Optional[str] = None
-    parts: List[Dict[str, Any]] = []
-    part_futures: Deque[Tuple[int, concurrent.futures.Future]] = deque()
-    pending: Deque[concurrent.futures.Future] = deque()
-    buffer = bytearray()
-    window = workers + 1
+    chunk_bytes = CHUNK_BYTES
+    skip = set(known)
+    whole = hashlib.sha256()
+    chunks: List[List[Any]] = []
+    totals = {"size": 0, "uploaded": 0, "compressed": 0, "raw": 0}
+    in_flight: Deque[concurrent.futures.Future] = deque()
 
-    def put_part(number: int, data: bytes) -> str:
-        response = _s3(ctx, "upload_part", key, UploadId=upload_id, PartNumber=number, Body=data)
-        return response["ETag"]
+    def send(digest: str, data: bytes) -> int:
+        body = gzip_member(data, level)
+        _s3(ctx, "put_object", _chunk_key(ctx, digest), Body=body, ContentType="application/gzip")
+        return len(body)
 
-    with (
-        concurrent.futures.ThreadPoolExecutor(max_workers=workers) as squeeze,
-        concurrent.futures.ThreadPoolExecutor(max_workers=workers) as sender,
-    ):
+    def settle(future: concurrent.futures.Future) -> None:
+        totals["compressed"] += future.result()
+        totals["uploaded"] += 1
 
-        def collect_part() -> None:
-            number, future = part_futures.popleft()
-            parts.append({"PartNumber": number, "ETag": future.result()})
-
-        def take_compressed() -> None:
-            nonlocal upload_id
-            data = pending.popleft().result()
-            comp_sha.update(data)
-            sizes["compressed"] += len(data)
-            buffer.extend(data)
-            if len(buffer) >= PART_MIN_BYTES:
-                if upload_id is None:
-                    upload_id = _s3(ctx, "create_multipart_upload", key)["UploadId"]
-                number = len(parts) + len(part_futures) + 1
-                part_futures.append((number, sender.submit(put_part, number, bytes(buffer))))
-                del buffer[:]
-                while len(part_futures) > window:
-                    collect_part()
-
-        try:
-            with open(path, "rb") as handle:
-                for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
-                    _check_deadline(ctx, deadline, "DB upload")
-                    raw_sha.update(chunk)
-                    sizes["raw"] += len(chunk)
-                    pending.append(squeeze.submit(gzip_member, chunk, level))
-                    while len(pending) > window:
-                        take_compressed()
-            if sizes["raw"] == 0:
-                pending.append(squeeze.submit(gzip_member, b"", level))
-            while pending:
-                take_compressed()
-            if upload_id is None:
-                _s3(ctx, "put_object", key, Body=bytes(buffer))
-            else:
-                if buffer:
-                    number = len(parts) + len(part_futures) + 1
-                    part_futures.append((number, sender.submit(put_part, number, bytes(buffer))))
-                while part_futures:
-                    collect_part()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    try:
+        with open(path, "rb") as handle:
+            for data in iter(lambda: handle.read(chunk_bytes), b""):
+                whole.update(data)
+                digest = hashlib.sha256(data).hexdigest()
+                chunks.append([digest, len(data)])
+                totals["size"] += len(data)
+                if digest in skip:
+                    continue
+                skip.add(digest)  # a digest repeated inside the file (empty pages) goes once
+                totals["raw"] += len(data)
+                while len(in_flight) >= 2 * workers:
+                    settle(in_flight.popleft())
                 _check_deadline(ctx, deadline, "DB upload")
-                _s3(
-                    ctx,
-                    "complete_multipart_upload",
-                    key,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": sorted(parts, key=lambda p: p["PartNumber"])},
-                )
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            for _, future in part_futures:
-                future.cancel()
-            if upload_id is not None:
-                with contextlib.suppress(Exception):
-                    ctx.s3.abort_multipart_upload(Bucket=ctx.settings.bucket, Key=key, UploadId=upload_id)
-            raise
+                in_flight.append(pool.submit(send, digest, data))
+        while in_flight:
+            settle(in_flight.popleft())
+        _check_deadline(ctx, deadline, "DB upload")
+    except BaseException:
+        for future in in_flight:
+            future.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True)
     return {
-        "size_raw": sizes["raw"],
-        "sha256_raw": raw_sha.hexdigest(),
-        "size_compressed": sizes["compressed"],
-        "sha256_compressed": comp_sha.hexdigest(),
+        "chunks": chunks,
+        "chunk_bytes": chunk_bytes,
+        "size": totals["size"],
+        "sha256": whole.hexdigest(),
+        "chunks_uploaded": totals["uploaded"],
+        "bytes_uploaded": totals["compressed"],
+        "raw_bytes_uploaded": totals["raw"],
     }
 
 
@@ -797,6 +778,8 @@ class BackupResult:
     blobs_uploaded: int
     bytes_uploaded: int
     reason: str = ""
+    # DB chunks sent by this backup (the rest were already listed by the previous one).
+    db_chunks_uploaded: int = 0
 
 
 def _work_dir(ctx: Context, kind: str) -> str:
@@ -816,35 +799,41 @@ def _backup_db(
     trusted = _fingerprint_newest_mtime(fingerprint) <= time.time() - RACY_WINDOW_S
     if prev_db and prev_db.get("fingerprint") == fingerprint and prev_db.get("fingerprint_trusted"):
         return prev_db, False
+    # Only chunks the previous backup lists count as present: its refresh keeps them from
+    # expiring, while an older chunk may already be gone.
+    known = {c[0] for c in (prev_db or {}).get("chunks", [])}
     work = _work_dir(ctx, "snapshot")
     try:
         snap_path = os.path.join(work, "gitea.db")
         _check_deadline(ctx, deadline, "DB snapshot")
         info = snapshot_sqlite(db_path, snap_path, ctx.settings.snapshot_method)
         _check_deadline(ctx, deadline, "DB snapshot")
-        raw_sha, raw_size = _hash_file(snap_path)
-        if prev_db and prev_db.get("sha256_raw") == raw_sha:
+        sums = upload_chunks(ctx, snap_path, known, deadline)
+        if prev_db and prev_db.get("sha256") == sums["sha256"] and not sums["chunks_uploaded"]:
             same = dict(prev_db)
             same.update(fingerprint=fingerprint, fingerprint_trusted=trusted)
             return same, False
-        key = ctx.key("db/%s.db.gz" % stamp)
-        sums = compress_upload(ctx, snap_path, key, deadline)
+        key = ctx.key("db/%s.json" % stamp)
         manifest = {
+            "format": "chunks-v1",
             "key": key,
-            "size_raw": raw_size,
-            "sha256_raw": sums["sha256_raw"],
-            "size_compressed": sums["size_compressed"],
-            "sha256_compressed": sums["sha256_compressed"],
+            "chunks": sums["chunks"],
+            "chunk_bytes": sums["chunk_bytes"],
+            "size": sums["size"],
+            "sha256": sums["sha256"],
             "page_count": info["page_count"],
             "page_size": info["page_size"],
             "source_time": _iso(taken),
             "instance_id": ctx.instance_id(),
             "method": info["method"],
+            "chunks_uploaded": sums["chunks_uploaded"],
+            "bytes_uploaded": sums["bytes_uploaded"],
         }
+        _check_deadline(ctx, deadline, "DB manifest")
         _s3(
             ctx,
             "put_object",
-            ctx.key("db/%s.json" % stamp),
+            key,
             Body=json.dumps(manifest, sort_keys=True).encode(),
             ContentType="application/json",
         )
@@ -1003,7 +992,8 @@ def _backup_locked(ctx: Context, deadline: Optional[float], force: bool) -> Back
         "dirs": dirs,
         "files": files,
     }
-    uploaded = blob_bytes + (db_entry["size_compressed"] if db_uploaded and db_entry else 0)
+    db_chunks = int(db_entry.get("chunks_uploaded", 0)) if db_uploaded and db_entry else 0
+    uploaded = blob_bytes + (int(db_entry.get("bytes_uploaded", 0)) if db_uploaded and db_entry else 0)
     if (
         prev_index is not None
         and previous is not None
@@ -1026,8 +1016,14 @@ def _backup_locked(ctx: Context, deadline: Optional[float], force: bool) -> Back
     }
     _after_backup(ctx, key, index, now, deadline)
     state.update(last_backup=summary, last_backup_check=_iso(now))
-    LOG.info("backup %s: db %s, %d new blobs", key, "uploaded" if db_uploaded else "unchanged", blob_count)
-    return BackupResult(False, key, db_uploaded, blob_count, uploaded)
+    LOG.info(
+        "backup %s: db %s (%d new chunks), %d new blobs",
+        key,
+        "uploaded" if db_uploaded else "unchanged",
+        db_chunks,
+        blob_count,
+    )
+    return BackupResult(False, key, db_uploaded, blob_count, uploaded, db_chunks_uploaded=db_chunks)
 
 
 HEARTBEAT_KEY = "heartbeat.json"
@@ -1060,19 +1056,20 @@ def _after_backup(
 
 def refresh_newest(ctx: Context, index_key: str, index: Mapping[str, Any], now: _dt.datetime) -> int:
     """Rewrite (copy onto itself) every object the newest backup needs that is older than half the
-    retention, so the bucket's expiry rule never removes a blob, DB snapshot or index that the newest
-    backup still refers to. Objects no backup refers to any more are left to expire: that is the
+    retention, so the bucket's expiry rule never removes a blob, DB chunk, DB manifest or index
+    that the newest backup still refers to. Objects no backup refers to any more are left to expire: that is the
     garbage collection. Returns how many objects were refreshed."""
     needed = {index_key}
     db = index.get("db") or {}
     if db.get("key"):
         needed.add(db["key"])
-        needed.add(db["key"][: -len(".db.gz")] + ".json")
+    for digest, _size in db.get("chunks", []):
+        needed.add(_chunk_key(ctx, digest))
     for entry in index.get("files", []):
         if "sha256" in entry and "data" not in entry and "link" not in entry:
             needed.add(ctx.key("blobs/" + entry["sha256"]))
     modified: Dict[str, _dt.datetime] = {}
-    for prefix in ("index/", "db/", "blobs/"):
+    for prefix in ("index/", "db/", "chunks/", "blobs/"):
         modified.update(_list_modified(ctx, prefix))
     cutoff = now - _dt.timedelta(days=max(1, ctx.settings.retention_days // 2))
     stale = sorted(key for key in needed if key in modified and modified[key] < cutoff)
@@ -1118,31 +1115,58 @@ def _chown(path: str, entry: Mapping[str, Any]) -> None:
         os.lchown(path, entry["uid"], entry["gid"])
 
 
-def _restore_db(ctx: Context, entry: Dict[str, Any], target: str) -> None:
-    key = entry["key"]
-    body = _s3(ctx, "get_object", key)["Body"]
-    comp_sha = hashlib.sha256()
-    raw_sha = hashlib.sha256()
-    decoder = zlib.decompressobj(wbits=31)
+def _restore_db(ctx: Context, entry: Dict[str, Any], target: str, workers: int = 8) -> None:
+    """Rebuild the DB file at ``target`` from its chunks and verify it.
+
+    Chunks download in parallel and are written at their offsets; each is checked against its
+    sha256, then the whole file against the manifest's, then SQLite's integrity_check. The caller
+    owns ``target`` (a scratch directory) and removes it on any failure.
+    """
+    chunks = entry.get("chunks")
+    if entry.get("format") != "chunks-v1" or not isinstance(chunks, list):
+        raise IntegrityError("corrupt backup index: unknown DB backup format in %s" % entry.get("key"))
+    offsets: Dict[str, List[int]] = {}
+    sizes: Dict[str, int] = {}
+    position = 0
+    for digest, size in chunks:
+        offsets.setdefault(digest, []).append(position)
+        sizes[digest] = size
+        position += size
+    if position != entry.get("size"):
+        raise IntegrityError("corrupt backup %s: chunk sizes do not add up to the file size" % entry["key"])
+
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with open(target, "wb") as out:
-            for block in iter(lambda: body.read(1 << 20), b""):
-                comp_sha.update(block)
-                while block:
-                    data = decoder.decompress(block)
-                    raw_sha.update(data)
-                    out.write(data)
-                    if decoder.eof:
-                        block = decoder.unused_data
-                        decoder = zlib.decompressobj(wbits=31)
-                    else:
-                        block = b""
-    except zlib.error as exc:
-        raise IntegrityError("corrupt backup %s: %s" % (key, exc)) from None
-    if comp_sha.hexdigest() != entry["sha256_compressed"]:
-        raise IntegrityError("corrupt backup %s: sha256 of compressed data does not match" % key)
-    if raw_sha.hexdigest() != entry["sha256_raw"]:
-        raise IntegrityError("corrupt backup %s: sha256 of the database does not match" % key)
+
+        def fetch(digest: str) -> None:
+            key = _chunk_key(ctx, digest)
+            body = _get_bytes(ctx, key)
+            try:
+                data = gzip.decompress(body)
+            except (OSError, EOFError, zlib.error) as exc:
+                raise IntegrityError("corrupt backup: %s does not decompress: %s" % (key, exc)) from None
+            if len(data) != sizes[digest] or hashlib.sha256(data).hexdigest() != digest:
+                raise IntegrityError("corrupt backup: %s does not match its sha256" % key)
+            for offset in offsets[digest]:
+                written = 0
+                while written < len(data):
+                    written += os.pwrite(fd, data[written:], offset + written)
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(fetch, digest) for digest in offsets]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    whole, size = _hash_file(target)
+    if size != entry["size"] or whole != entry["sha256"]:
+        raise IntegrityError("corrupt backup %s: sha256 of the database does not match" % entry["key"])
     conn = sqlite3.connect(target)
     try:
         result = conn.execute("PRAGMA integrity_check").fetchall()
