@@ -81,6 +81,8 @@ def test_spot_launch_template_is_arm64_spot_imdsv2_standard_credits_encrypted(sy
     assert data["CreditSpecification"] == {"CpuCredits": "standard"}
     (root,) = data["BlockDeviceMappings"]
     assert root["Ebs"]["Encrypted"] is True and root["Ebs"]["VolumeType"] == "gp3"
+    # Root holds only the OS, k3s and images (all data is on the data volume): 10 GB, $0.80/month.
+    assert root["Ebs"]["VolumeSize"] == 10 and root["Ebs"]["DeleteOnTermination"] is True
     assert "arm64" in json.dumps(data["ImageId"])
     assert "al2023" in json.dumps(result.template_dict["Parameters"])
     assert "IamInstanceProfile" in data and "UserData" in data
