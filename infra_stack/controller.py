@@ -307,6 +307,17 @@ class Controller(Construct):
                 },
             ),
             iam.PolicyStatement(
+                # The first spot request in an account creates EC2's spot service-linked role on
+                # the caller's behalf; without this a brand-new account's first launch fails.
+                sid="SpotServiceLinkedRole",
+                actions=["iam:CreateServiceLinkedRole"],
+                resources=[
+                    f"arn:{Aws.PARTITION}:iam::{Aws.ACCOUNT_ID}:role/aws-service-role/spot.amazonaws.com/"
+                    "AWSServiceRoleForEC2Spot"
+                ],
+                conditions={"StringEquals": {"iam:AWSServiceName": "spot.amazonaws.com"}},
+            ),
+            iam.PolicyStatement(
                 sid="PassNodeRole",
                 actions=["iam:PassRole"],
                 resources=[inputs.node_role.role_arn],

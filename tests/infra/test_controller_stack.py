@@ -198,3 +198,11 @@ def test_state_table_is_on_demand_with_point_in_time_recovery(synth) -> None:
 
 def test_one_dashboard(synth) -> None:
     synth().template.resource_count_is("AWS::CloudWatch::Dashboard", 1)
+
+
+def test_first_spot_launch_in_a_new_account_may_create_the_spot_service_linked_role(synth) -> None:
+    statements = _statements(synth(), "ReconcileRole")
+    (slr,) = [s for s in statements if s.get("Sid") == "SpotServiceLinkedRole"]
+    assert slr["Action"] == "iam:CreateServiceLinkedRole"
+    assert slr["Condition"] == {"StringEquals": {"iam:AWSServiceName": "spot.amazonaws.com"}}
+    assert "AWSServiceRoleForEC2Spot" in json.dumps(slr["Resource"])
