@@ -272,8 +272,10 @@ class LoopbackNetwork:
         except urllib.error.URLError as exc:
             raise NoRoute(str(exc.reason)) from exc
 
-    def http_get(self, url: str, timeout: float) -> HttpResponse:
+    def http_get(self, url: str, timeout: float, host: str | None = None) -> HttpResponse:
         """runtime.http_get for the controller: same contract as runtime.urllib_http_get."""
+        if host is not None and host != self.domain:
+            raise NoRoute(f"no route for Host {host}")
         request = urllib.request.Request(
             self._loopback_url(url), headers={"User-Agent": "spotforge-controller"}
         )

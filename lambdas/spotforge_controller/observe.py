@@ -217,9 +217,10 @@ def read_drain(runtime: Runtime, command_id: str, instance_id: str) -> DrainStat
 
 
 def health_url(runtime: Runtime, address: Address) -> str:
-    if runtime.config.domain:
-        return f"https://{runtime.config.domain}/api/healthz"
-    return f"http://{address.public_ip}/api/healthz"
+    """Always the node behind the Elastic IP: a DNS record not created yet, or a certificate not
+    issued yet, must not look like a sick Forgejo (that would replace healthy nodes in a loop)."""
+    scheme = "https" if runtime.config.domain else "http"
+    return f"{scheme}://{address.public_ip}/api/healthz"
 
 
 def parse_healthz(http_status: int, body: bytes) -> tuple[str, dict[str, str], str]:
@@ -260,7 +261,10 @@ def parse_healthz(http_status: int, body: bytes) -> tuple[str, dict[str, str], s
 def probe_health(runtime: Runtime, address: Address, instance_id: str | None) -> Probe:
     url = health_url(runtime, address)
     try:
-        response = runtime.http_get(url, PROBE_TIMEOUT_SECONDS)
+        if runtime.config.domain:
+            response = runtime.http_get(url, PROBE_TIMEOUT_SECONDS, host=runtime.config.domain)
+        else:
+            response = runtime.http_get(url, PROBE_TIMEOUT_SECONDS)
     except OSError as exc:
         return Probe(
             url=url, status="unreachable", instance_id=instance_id, detail=str(exc) or type(exc).__name__

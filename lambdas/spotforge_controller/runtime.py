@@ -25,8 +25,8 @@ class HttpResponse:
     body: bytes
 
 
-# (url, timeout seconds) -> response; raises OSError when nothing answers.
-HttpGet = Callable[[str, float], HttpResponse]
+# (url, timeout seconds, host=Host header) -> response; raises OSError when nothing answers.
+HttpGet = Callable[..., HttpResponse]
 # (hostname, timeout seconds) -> certificate notAfter (tz-aware UTC); raises OSError/ssl.SSLError.
 CertExpiry = Callable[[str, float], datetime]
 
@@ -37,10 +37,22 @@ _BOTO_CONFIG = BotoConfig(
 )
 
 
-def urllib_http_get(url: str, timeout: float) -> HttpResponse:
-    request = urllib.request.Request(url, headers={"User-Agent": "spotforge-controller"})
+def urllib_http_get(url: str, timeout: float, host: str | None = None) -> HttpResponse:
+    """GET `url`. With `host`, the request goes to the address in `url` but names `host` (the Host
+    header Traefik routes on) and does not verify the certificate: this judges Forgejo's health on
+    the node the Elastic IP reaches, whether or not DNS and Let's Encrypt are in place yet; the
+    certificate itself is checked separately against the domain (cert_expiry)."""
+    headers = {"User-Agent": "spotforge-controller"}
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if host:
+        headers["Host"] = host
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.build_opener(*handlers).open(request, timeout=timeout) as response:
             return HttpResponse(status=response.status, body=response.read(65536))
     except urllib.error.HTTPError as exc:
         # Forgejo answers 424 with a JSON body when a check fails: that body is the diagnosis.

@@ -189,7 +189,7 @@ def world(monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
         clock = ManualClock(START)
         holder: dict[str, World] = {}
 
-        def http_get(url: str, timeout: float) -> HttpResponse:
+        def http_get(url: str, timeout: float, host: str | None = None) -> HttpResponse:
             body = holder["world"].healthz
             status = 200 if body.get("status") in ("pass", "warn") else 503
             return HttpResponse(status, json.dumps(body).encode())

@@ -157,7 +157,7 @@ class World:
                 continue
             self.ec2.create_tags(Resources=[instance_id], Tags=_tags(**{TAG_PHASE: new}))
 
-    def http_get(self, url: str, timeout: float) -> HttpResponse:
+    def http_get(self, url: str, timeout: float, host: str | None = None) -> HttpResponse:
         self.probes.append(url)
         target = self.eip_target()
         if target is None:
@@ -326,15 +326,37 @@ def test_probe_of_a_silent_node_is_unreachable(world: World, serving: str) -> No
     assert probe is not None and (probe.status, probe.ok) == ("unreachable", False)
 
 
-def test_probe_with_a_domain_uses_https_and_reads_certificate_expiry(world: World, serving: str) -> None:
+def test_probe_with_a_domain_asks_the_node_behind_the_eip_by_name_and_reads_certificate_expiry(
+    world: World, serving: str
+) -> None:
     config = replace(world.config, domain="git.example.com")
-    runtime = world.runtime(
-        config=config, cert_expiry=lambda host, timeout: START + timedelta(days=20, hours=12)
+    hosts: list[str | None] = []
+
+    def http_get(url: str, timeout: float, host: str | None = None) -> HttpResponse:
+        hosts.append(host)
+        return world.http_get(url, timeout)
+
+    runtime = replace(
+        world.runtime(config=config, cert_expiry=lambda host, timeout: START + timedelta(days=20, hours=12)),
+        http_get=http_get,
     )
     probe = observe(runtime).probe
     assert probe is not None
-    assert probe.url == "https://git.example.com/api/healthz"
-    assert probe.cert_days_left == pytest.approx(20.5)
+    # Not through DNS: a record the user has not created yet must not look like a sick Forgejo.
+    assert probe.url == f"https://{observe(runtime).address.public_ip}/api/healthz"
+    assert hosts[0] == "git.example.com"
+    assert probe.ok and probe.cert_days_left == pytest.approx(20.5)
+
+
+def test_a_domain_without_dns_or_certificate_yet_still_reads_as_healthy(world: World, serving: str) -> None:
+    def no_certificate(host: str, timeout: float) -> datetime:
+        raise OSError(f"{host}: Name or service not known")
+
+    runtime = world.runtime(
+        config=replace(world.config, domain="git.example.com"), cert_expiry=no_certificate
+    )
+    probe = observe(runtime).probe
+    assert probe is not None and probe.ok and probe.cert_days_left is None
 
 
 # ---------------------------------------------------------------- flows through reconcile
