@@ -477,13 +477,7 @@ class Emulator:
             previous = instance._state.name
             if previous not in ("shutting-down", "terminated"):
                 self._begin_termination(instance.id, _USER_SHUTDOWN)
-            result.append(
-                {
-                    "InstanceId": instance.id,
-                    "CurrentState": {"Code": instance._state.code, "Name": instance._state.name},
-                    "PreviousState": {"Code": _STATE_CODES[previous], "Name": previous},
-                }
-            )
+            result.append(_state_change(instance, previous))
         return {"TerminatingInstances": result}
 
     def _before_stop_instances(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -498,13 +492,7 @@ class Emulator:
                 )
             if previous in ("pending", "running"):
                 self._begin_stop(instance.id, _USER_SHUTDOWN)
-            result.append(
-                {
-                    "InstanceId": instance.id,
-                    "CurrentState": {"Code": instance._state.code, "Name": instance._state.name},
-                    "PreviousState": {"Code": _STATE_CODES[previous], "Name": previous},
-                }
-            )
+            result.append(_state_change(instance, previous))
         return {"StoppingInstances": result}
 
     def _before_start_instances(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -529,13 +517,7 @@ class Emulator:
                     lambda i=instance.id: self._become_running(i),
                     f"running {instance.id}",
                 )
-            result.append(
-                {
-                    "InstanceId": instance.id,
-                    "CurrentState": {"Code": instance._state.code, "Name": instance._state.name},
-                    "PreviousState": {"Code": _STATE_CODES[previous], "Name": previous},
-                }
-            )
+            result.append(_state_change(instance, previous))
         return {"StartingInstances": result}
 
     def _set_reason(self, instance: Any, reason: tuple[str, str]) -> None:
@@ -1042,3 +1024,12 @@ Emulator._AFTER = {
     ("ec2", "DeleteVolume"): Emulator._after_delete_volume,
     ("ec2", "AssociateAddress"): Emulator._after_associate_address,
 }
+
+
+def _state_change(instance: Any, previous: str) -> dict[str, Any]:
+    """One entry of a Terminate/Stop/StartInstances reply, as EC2 shapes it."""
+    return {
+        "InstanceId": instance.id,
+        "CurrentState": {"Code": instance._state.code, "Name": instance._state.name},
+        "PreviousState": {"Code": _STATE_CODES[previous], "Name": previous},
+    }

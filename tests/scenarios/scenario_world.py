@@ -262,6 +262,13 @@ class ScenarioWorld(Drill):
         return "\n".join(lines)
 
 
+def missing_rows(world: ScenarioWorld, node: SimNode) -> list[object]:
+    """Rows the writer saw committed that the node's Forgejo database does not hold (RPO)."""
+    assert node.standin is not None, f"{node.instance_id} runs no Forgejo"
+    present = set(node.standin.row_ids())
+    return [row for row, _ in world.committed if row not in present]
+
+
 def assert_invariants(world: ScenarioWorld, *, allow_errors: bool = False) -> SimNode:
     """ARCHITECTURE.md section 5 at the end of a scenario; returns the serving node.
 

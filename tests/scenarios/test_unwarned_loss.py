@@ -3,7 +3,7 @@ outlives the instance) keeps every committed row."""
 
 from __future__ import annotations
 
-from scenario_world import ScenarioWorld, assert_invariants
+from scenario_world import ScenarioWorld, assert_invariants, missing_rows
 
 UNWARNED_BUDGET_S = 180.0  # ARCHITECTURE.md section 7
 
@@ -29,9 +29,7 @@ def test_an_unwarned_termination_is_replaced_within_the_unwarned_budget(timed_wo
     assert detached is not None and attached is not None and detached <= attached
     assert all(not c.params.get("Force") for c in world.calls if c.operation == "DetachVolume")
     # The volume survived the instance: the rows committed before the loss are all there.
-    assert new.standin is not None and world.committed
-    present = set(new.standin.row_ids())
-    assert [row for row, _ in world.committed if row not in present] == []
+    assert world.committed and missing_rows(world, new) == []
     subjects = " | ".join(str(m.get("Subject", "")) for m in world.inbox()).lower()
     assert "recovered" in subjects
     assert_invariants(world)

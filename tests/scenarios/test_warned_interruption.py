@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from scenario_world import ScenarioWorld, assert_invariants
+from scenario_world import ScenarioWorld, assert_invariants, missing_rows
 
 from drill.emulator import LatencyModel
 from drill.node import NodeTimings, SimNode
@@ -52,9 +52,7 @@ def test_a_warned_interruption_hands_off_to_a_standby_replacement_within_budget_
     # RPO 0: every row acknowledged before the drain began (and after) is in the new database.
     before_drain = [row for row, at in world.committed if at < drain]
     assert len(before_drain) > 20
-    assert new.standin is not None
-    present = set(new.standin.row_ids())
-    assert [row for row, _ in world.committed if row not in present] == []
+    assert missing_rows(world, new) == []
     rec = world.recovery()
     assert rec is not None and rec.cause == "spot-interruption" and rec.downtime_seconds is not None
     subjects = " | ".join(_subjects(world)).lower()
@@ -87,9 +85,7 @@ def test_a_slow_replacement_still_gets_the_volume_at_the_deadline_and_finishes_b
     assert detached is not None and _seconds(t0, detached) < 120
     downtime = world.downtime_since(t0)
     assert downtime is not None and downtime <= WARNED_BUDGET_S
-    assert new.standin is not None
-    present = set(new.standin.row_ids())
-    assert [row for row, _ in world.committed if row not in present] == []
+    assert missing_rows(world, new) == []
     assert_invariants(world)
 
 
